@@ -1,0 +1,1 @@
+"""Fine-tuning of DCP models with Lightning: schedules, the sparsity controller, the LightningModule."""
