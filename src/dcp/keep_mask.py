@@ -31,10 +31,13 @@ class KeepStats:
 
     keep_sum: sum of I[k, j] over valid pairs (a scalar tensor that carries gradient in training).
     pair_count: number of valid pairs (a scalar tensor).
+    hard_keep_sum: the same sum for the hard (alpha = inf) mask of the same scores; equals keep_sum
+        when the mask is already hard. Training uses it to measure the sparsity reached at inference.
     """
 
     keep_sum: torch.Tensor
     pair_count: torch.Tensor
+    hard_keep_sum: torch.Tensor | None = None
 
     @property
     def keep_fraction(self) -> torch.Tensor:
@@ -105,8 +108,18 @@ def attention_bias(log_keep: torch.Tensor, key_valid: torch.Tensor, dtype: torch
     return bias.to(dtype)[:, None]
 
 
-def keep_stats(log_keep: torch.Tensor, key_valid: torch.Tensor) -> KeepStats:
-    """Sum I = exp(log I) over valid pairs; differentiable in soft mode."""
+def keep_stats(
+    log_keep: torch.Tensor, key_valid: torch.Tensor, hard_log_keep: torch.Tensor | None = None
+) -> KeepStats:
+    """Sum I = exp(log I) over valid pairs; differentiable in soft mode.
+
+    hard_log_keep: the hard mask of the same scores, when log_keep is soft.
+    """
     pairs = valid_pairs(key_valid)
-    keep = torch.where(pairs, torch.exp(log_keep), torch.zeros_like(log_keep))
-    return KeepStats(keep_sum=keep.sum(), pair_count=pairs.sum())
+    keep_sum = torch.where(pairs, torch.exp(log_keep), torch.zeros_like(log_keep)).sum()
+
+    if hard_log_keep is None:
+        hard_keep_sum = keep_sum.detach()
+    else:
+        hard_keep_sum = (pairs & (hard_log_keep == 0)).sum().to(keep_sum.dtype)
+    return KeepStats(keep_sum=keep_sum, pair_count=pairs.sum(), hard_keep_sum=hard_keep_sum)

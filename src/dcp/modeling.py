@@ -12,6 +12,7 @@ not used: incremental decoding with dropped tokens removed lives in the pruned K
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,13 @@ class DCPCausalLMOutput(CausalLMOutputWithCrossAttentions):
     """Causal LM output plus the per-layer keep statistics.
 
     layer_keep_sum, layer_pair_count: (L,) sums of I over valid pairs and their count, per layer.
+    layer_hard_keep_sum: (L,) the sum for the hard mask of the same scores (equal in hard mode).
     log_keep: per layer (B, T, T) float32 log I, only when `return_log_keep=True`.
     """
 
     layer_keep_sum: torch.Tensor | None = None
     layer_pair_count: torch.Tensor | None = None
+    layer_hard_keep_sum: torch.Tensor | None = None
     log_keep: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -93,15 +96,28 @@ class DCPAttention(GPT2Attention):
         # Entmax alpha of the sparse sigmoid; set by the training schedule, inf (hard drops) otherwise.
         self.alpha = math.inf
 
+        # A fixed keep policy (a baseline such as a sliding window) replaces the learned mask when set:
+        # policy(layer_idx=, query=, key=, key_valid=) -> log I (B, T, T) float32, with query and key
+        # of shape (B, H, T, d_head). It works on dense models too.
+        self.keep_policy: Callable[..., torch.Tensor] | None = None
+
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, H, T, d_head)."""
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def compute_log_keep(self, hidden_states: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """Return log I (B, T, T) in float32 for layer-normed input (B, T, d)."""
+    def compute_log_keep(self, hidden_states: torch.Tensor, key_valid: torch.Tensor) -> tuple[torch.Tensor, KeepStats]:
+        """Return log I (B, T, T) in float32 for layer-normed input (B, T, d), and its KeepStats.
+
+        At finite alpha the stats also count the hard mask of the same scores (no gradient).
+        """
         scores = interaction_scores(self.q_int(hidden_states), self.k_int(hidden_states), self.beta)
-        return log_keep_mask(scores, self.alpha, key_valid)
+        log_keep = log_keep_mask(scores, self.alpha, key_valid)
+
+        hard_log_keep = None
+        if not math.isinf(self.alpha):
+            hard_log_keep = log_keep_mask(scores.detach(), math.inf, key_valid)
+        return log_keep, keep_stats(log_keep, key_valid, hard_log_keep)
 
     def forward(
         self,
@@ -119,11 +135,16 @@ class DCPAttention(GPT2Attention):
 
         log_keep = None
         stats = None
-        if self.dcp_enabled:
-            log_keep = self.compute_log_keep(hidden_states, key_valid)
-            if previous_log_keep is not None:
-                log_keep = (log_keep + previous_log_keep).clamp_min(LOG_KEEP_FLOOR)
+        if self.keep_policy is not None:
+            log_keep = self.keep_policy(layer_idx=self.layer_idx, query=query, key=key, key_valid=key_valid)
             stats = keep_stats(log_keep, key_valid)
+        elif self.dcp_enabled:
+            log_keep, stats = self.compute_log_keep(hidden_states, key_valid)
+            if previous_log_keep is not None:
+                # NOTE: at finite alpha this option's hard keep statistic falls back to the soft mask,
+                # because the previous layer's hard mask is not kept.
+                log_keep = (log_keep + previous_log_keep).clamp_min(LOG_KEEP_FLOOR)
+                stats = keep_stats(log_keep, key_valid)
 
         zeros = torch.zeros(key_valid.shape[0], key_valid.shape[1], key_valid.shape[1], device=key_valid.device)
         bias = attention_bias(log_keep if log_keep is not None else zeros, key_valid, query.dtype)
@@ -225,7 +246,7 @@ class DCPGPT2LMHeadModel(GPT2LMHeadModel):
         hidden = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
         hidden = self.transformer.drop(hidden)
 
-        keep_sums, pair_counts, log_keeps = [], [], []
+        keep_sums, pair_counts, hard_keep_sums, log_keeps = [], [], [], []
         previous_log_keep = None
         for block in self.transformer.h:
             attn_output, log_keep, stats = block.attn(block.ln_1(hidden), key_valid, previous_log_keep)
@@ -238,6 +259,7 @@ class DCPGPT2LMHeadModel(GPT2LMHeadModel):
                 stats = _all_kept(key_valid)
             keep_sums.append(stats.keep_sum)
             pair_counts.append(stats.pair_count)
+            hard_keep_sums.append(stats.hard_keep_sum)
             if return_log_keep:
                 log_keeps.append(log_keep)
 
@@ -252,6 +274,7 @@ class DCPGPT2LMHeadModel(GPT2LMHeadModel):
             logits=logits,
             layer_keep_sum=torch.stack(keep_sums),
             layer_pair_count=torch.stack(pair_counts),
+            layer_hard_keep_sum=torch.stack(hard_keep_sums),
             log_keep=tuple(log_keeps) if return_log_keep else None,
         )
 
