@@ -24,6 +24,9 @@ LOG_KEEP_FLOOR = -1.0e4
 # log p (which is p'/p) stays finite where p is tiny but not zero.
 _P_MIN = 1.0e-20
 
+# A score above 1 / (alpha - 1) for every alpha in use, given to pairs that do not enter the product.
+_OUTSIDE_BAND = 1.0e6
+
 
 @dataclass
 class KeepStats:
@@ -88,7 +91,10 @@ def log_keep_mask(scores: torch.Tensor, alpha: float, key_valid: torch.Tensor | 
         zeros = torch.zeros((), dtype=torch.float32, device=scores.device)
         return torch.where(dropped, torch.full_like(zeros, LOG_KEEP_FLOOR), zeros)
 
-    p = sparse_sigmoid(scores.float(), alpha)
+    # Only pairs n > j enter the product; a large score there puts p outside the band (p = 1 exactly)
+    # so the sigmoid solves only the entries that matter.
+    scores = torch.where(contributes, scores.float(), torch.full_like(scores, _OUTSIDE_BAND, dtype=torch.float32))
+    p = sparse_sigmoid(scores, alpha)
     log_p = torch.where(contributes, torch.log(p.clamp_min(_P_MIN)), torch.zeros_like(p))
     return torch.cumsum(log_p, dim=-2).clamp_min(LOG_KEEP_FLOOR)
 

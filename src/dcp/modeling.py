@@ -124,10 +124,12 @@ class DCPAttention(GPT2Attention):
         hidden_states: torch.Tensor,
         key_valid: torch.Tensor,
         previous_log_keep: torch.Tensor | None = None,
+        has_padding: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KeepStats | None]:
         """Attend over the whole sequence.
 
-        hidden_states: (B, T, d), the layer-normed block input; key_valid: (B, T) bool, False at padding.
+        hidden_states: (B, T, d), the layer-normed block input; key_valid: (B, T) bool, False at padding;
+        has_padding=False promises that key_valid is all True, which allows the fused causal kernel.
         Returns the attention output (B, T, d), log I (B, T, T) or None when DCP is off, and KeepStats.
         """
         query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
@@ -146,11 +148,15 @@ class DCPAttention(GPT2Attention):
                 log_keep = (log_keep + previous_log_keep).clamp_min(LOG_KEEP_FLOOR)
                 stats = keep_stats(log_keep, key_valid)
 
-        zeros = torch.zeros(key_valid.shape[0], key_valid.shape[1], key_valid.shape[1], device=key_valid.device)
-        bias = attention_bias(log_keep if log_keep is not None else zeros, key_valid, query.dtype)
-
         dropout = self.attn_dropout.p if self.training else 0.0
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=self.scaling)
+        if log_keep is None and not has_padding:
+            # Dense and unpadded: the fused causal kernel, exactly as Hugging Face's GPT-2 runs it.
+            output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=self.scaling)
+        else:
+            if log_keep is None:
+                log_keep = torch.zeros(key_valid.shape[0], key_valid.shape[1], key_valid.shape[1], device=key_valid.device)
+            bias = attention_bias(log_keep, key_valid, query.dtype)
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=self.scaling)
 
         output = output.transpose(1, 2).reshape(hidden_states.shape)  # (B, T, d)
         output = self.resid_dropout(self.c_proj(output))
@@ -240,6 +246,7 @@ class DCPGPT2LMHeadModel(GPT2LMHeadModel):
             key_valid = torch.ones_like(input_ids, dtype=torch.bool)
         else:
             key_valid = attention_mask.bool()
+        has_padding = attention_mask is not None and not bool(key_valid.all())
         if position_ids is None:
             position_ids = (key_valid.long().cumsum(-1) - 1).clamp_min(0)
 
@@ -249,7 +256,7 @@ class DCPGPT2LMHeadModel(GPT2LMHeadModel):
         keep_sums, pair_counts, hard_keep_sums, log_keeps = [], [], [], []
         previous_log_keep = None
         for block in self.transformer.h:
-            attn_output, log_keep, stats = block.attn(block.ln_1(hidden), key_valid, previous_log_keep)
+            attn_output, log_keep, stats = block.attn(block.ln_1(hidden), key_valid, previous_log_keep, has_padding)
             hidden = hidden + attn_output
             hidden = hidden + block.mlp(block.ln_2(hidden))
 

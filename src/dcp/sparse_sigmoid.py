@@ -12,7 +12,7 @@ a -> 0), alpha = 2 gives clip((s + 1) / 2, 0, 1), and alpha = inf gives the hard
 Inside the band we solve g(p) = s for s >= 0 (p in [1/2, 1]) and use the symmetry p(-s) = 1 - p(s).
 For each alpha a table of p on a uniform grid of s is solved exactly by bisection (cheap: the grid
 is small). Each score then takes the table bracket that contains it, interpolates linearly and
-refines with two Newton steps clamped to that bracket. Because p is monotone, brackets of larger
+refines with Newton steps clamped to that bracket. Because p is monotone, brackets of larger
 scores lie at or above those of smaller ones, so the result is monotone in s up to rounding
 inside one bracket. Only band elements are solved, so the cost falls as alpha grows and
 scores leave the band.
@@ -26,8 +26,9 @@ import math
 import torch
 
 _BISECTION_STEPS = 60  # halvings of [1/2, 1]: below float64 resolution
-_TABLE_SIZE = 1024  # grid intervals over [0, min(1/a, _TABLE_MAX_SCORE)]
-_NEWTON_STEPS = 2
+_TABLE_SIZE = 2048  # grid intervals over [0, min(1/a, _TABLE_MAX_SCORE)]
+# Newton steps after interpolation: one reaches float32 resolution, two float64.
+_NEWTON_STEPS = {torch.float32: 1, torch.float64: 2}
 _TABLE_MAX_SCORE = 40.0  # for a near 0, p(40) = 1 - 4e-18, which is 1 in float64
 
 # Below this a = alpha - 1 the entmax solution equals the logistic sigmoid to within 1e-7 for
@@ -82,7 +83,7 @@ def _solve_upper_half(s: torch.Tensor, a: float) -> torch.Tensor:
     high = table[index + 1]
     p = low + (position - index) * (high - low)
 
-    for _ in range(_NEWTON_STEPS):
+    for _ in range(_NEWTON_STEPS[work_dtype]):
         step = (_g(p, a) - s_work) / _g_derivative(p, a)
         p = torch.minimum(torch.maximum(p - step, low), high)
 
@@ -101,9 +102,14 @@ def sparse_sigmoid_forward(s: torch.Tensor, alpha: float) -> torch.Tensor:
     # Outside the band the answer is exactly 0 or 1.
     p = (s >= 0).to(s.dtype)
     band = s.abs() < 1.0 / a
+    if s.is_cuda:
+        # Boolean indexing would synchronise with the host; solve everywhere and select instead.
+        s_clamped = s.abs().clamp(max=(1.0 / a) * (1 - 1e-7))
+        p_upper = _solve_upper_half(s_clamped, a)
+        return torch.where(band, torch.where(s >= 0, p_upper, 1.0 - p_upper), p)
+
     if not bool(band.any()):
         return p
-
     s_band = s[band]
     p_upper = _solve_upper_half(s_band.abs(), a)
     p[band] = torch.where(s_band >= 0, p_upper, 1.0 - p_upper)
