@@ -1,0 +1,1 @@
+"""Tiny programs that tests/test_slurm_cluster.py runs as SLURM jobs."""
