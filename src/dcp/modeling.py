@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, GPT2PreTrainedModel
 
 from .keep_mask import LOG_KEEP_FLOOR, KeepStats, attention_bias, interaction_scores, keep_stats, log_keep_mask
 
@@ -163,23 +163,49 @@ class DCPAttention(GPT2Attention):
         return output, log_keep, stats
 
 
+def _init_dcp_parameters(module: nn.Module, config: DCPGPT2Config) -> None:
+    """Initialise the interaction projections (small) and beta (dcp_beta_init) of a DCPAttention."""
+    if isinstance(module, DCPAttention) and module.dcp_enabled:
+        init.normal_(module.q_int.weight, mean=0.0, std=config.initializer_range)
+        init.normal_(module.k_int.weight, mean=0.0, std=config.initializer_range)
+        init.constant_(module.beta, float(config.dcp_beta_init))
+
+
+class DCPGPT2Model(GPT2Model):
+    """GPT2Model whose blocks use DCPAttention.
+
+    from_pretrained initialises missing weights module by module through the owning PreTrainedModel,
+    so this class must know how to initialise the DCP parameters too.
+    """
+
+    config_class = DCPGPT2Config
+
+    def __init__(self, config: DCPGPT2Config):
+        super().__init__(config)
+        for layer_idx, block in enumerate(self.h):
+            block.attn = DCPAttention(config, layer_idx)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_dcp_parameters(module, self.config)
+
+
 class DCPGPT2LMHeadModel(GPT2LMHeadModel):
     """GPT-2 language model whose attention layers prune their context (see module docstring)."""
 
     config_class = DCPGPT2Config
 
     def __init__(self, config: DCPGPT2Config):
-        super().__init__(config)
-        for layer_idx, block in enumerate(self.transformer.h):
-            block.attn = DCPAttention(config, layer_idx)
+        # Same layout as GPT2LMHeadModel.__init__, with the DCP transformer.
+        GPT2PreTrainedModel.__init__(self, config)
+        self.transformer = DCPGPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, DCPAttention) and module.dcp_enabled:
-            init.normal_(module.q_int.weight, mean=0.0, std=self.config.initializer_range)
-            init.normal_(module.k_int.weight, mean=0.0, std=self.config.initializer_range)
-            init.constant_(module.beta, float(self.config.dcp_beta_init))
+        _init_dcp_parameters(module, self.config)
 
     @property
     def dcp_layers(self) -> list[DCPAttention]:
