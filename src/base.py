@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from src.dcp import DCPGPT2LMHeadModel
 from src.training.loading import load_causal_lm, load_tokenizer, read_stats
@@ -49,17 +49,10 @@ def save_dense(model: DCPGPT2LMHeadModel, out_dir: Path) -> None:
     dense.save_pretrained(out_dir)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="base")
-def main(cfg: DictConfig) -> None:
+def train_from_scratch(cfg: DictConfig) -> dict:
+    """Train the configured GPT-2 from scratch and save it, dense, with the tokenizer in cfg.out_dir."""
     out_dir = Path(cfg.out_dir)
     data_dir = Path(cfg.data_dir)
-
-    if cfg.model.get("scratch") is None:
-        model = load_causal_lm(cfg.model.name_or_path)
-        model.save_pretrained(out_dir)
-        logger.info("copied %s to %s", cfg.model.name_or_path, out_dir)
-        return
-
     stats = read_stats(data_dir)
     tokenizer = load_tokenizer(data_dir)
     model = scratch_model(cfg, stats["vocab_size"], tokenizer.eos_token_id)
@@ -72,6 +65,18 @@ def main(cfg: DictConfig) -> None:
     # The run's own copy in out_dir/model is a DCP-format duplicate of the same weights.
     shutil.rmtree(out_dir / "model")
     logger.info("base model: validation perplexity %.2f", math.exp(metrics.get("val/loss", float("nan"))))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="base")
+def main(cfg: DictConfig) -> None:
+    if cfg.model.get("scratch") is None:
+        model = load_causal_lm(cfg.model.name_or_path)
+        model.save_pretrained(cfg.out_dir)
+        AutoTokenizer.from_pretrained(cfg.model.name_or_path).save_pretrained(cfg.out_dir)
+        logger.info("copied %s to %s", cfg.model.name_or_path, cfg.out_dir)
+        return
+    train_from_scratch(cfg)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class PruningSettings:
     controller_lr: float = 0.05
     controller_gain: float = 1.0
     controller_ema: float = 0.9
+    controller_measure: str = "soft"  # keep fraction the controller tracks: "soft" (in the loss) or "hard"
 
 
 class DCPLightningModule(L.LightningModule):
@@ -91,9 +92,11 @@ class DCPLightningModule(L.LightningModule):
             loss = loss + weight * output.keep_fraction
 
             layer_hard_keep = output.layer_hard_keep_sum / output.layer_pair_count.clamp_min(1)
+            hard_keep = float(layer_hard_keep.mean())
+            measured = hard_keep if self.pruning.controller_measure == "hard" else float(output.keep_fraction.detach())
             # Every rank must step the controller with the same value to keep the weights in sync.
-            hard_keep = float(self.trainer.strategy.reduce(layer_hard_keep.mean().detach(), reduce_op="mean"))
-            self.controller.update(hard_keep)
+            measured = float(self.trainer.strategy.reduce(torch.tensor(measured), reduce_op="mean"))
+            self.controller.update(measured)
 
             self.log("train/alpha", alpha)
             self.log("train/reg_weight", weight)

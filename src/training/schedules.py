@@ -26,7 +26,7 @@ class SparsityController:
     The loss is `cross_entropy + weight * keep_fraction`. In "adaptive" mode the weight is a Lagrange
     multiplier of the constraint keep_fraction <= 1 - target: each step it grows by
     `lr * (measured_keep - (1 - target))`, where `measured_keep` is an exponential moving average of
-    the hard (alpha = inf) keep fraction of the training batches, and `gain` adds a proportional term.
+    the keep fraction of the training batches, and `gain` adds a proportional term.
     The weight may become negative: a model that drops more than the target without any
     regularisation is pushed back towards keeping context. In "fixed" mode the weight is `gamma` (the
     reference recipe uses 0.3 with the keep fraction normalised over valid pairs).
@@ -63,12 +63,12 @@ class SparsityController:
             return self.gamma
         return self.integral + self.gain * self.gap
 
-    def update(self, hard_keep_fraction: float) -> None:
-        """Fold one training batch's hard keep fraction into the average and step the multiplier."""
+    def update(self, keep_fraction: float) -> None:
+        """Fold one training batch's keep fraction into the average and step the multiplier."""
         if self.measured_keep is None:
-            self.measured_keep = hard_keep_fraction
+            self.measured_keep = keep_fraction
         else:
-            self.measured_keep = self.ema * self.measured_keep + (1.0 - self.ema) * hard_keep_fraction
+            self.measured_keep = self.ema * self.measured_keep + (1.0 - self.ema) * keep_fraction
         if self.mode == "adaptive":
             self.integral += self.lr * self.gap
 
