@@ -1,0 +1,107 @@
+"""The whole DVC pipeline in a temporary copy of the repository, with a tiny params.yaml."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_OUTPUTS = ("data/", "models/", "metrics/", "reports/", "outputs/", "multirun/", "mlflow.db")
+
+TINY_PARAMS = {
+    "data": {"name": "shakespeare", "vocab_size": 512},
+    "model": {"name": "builtin"},
+    "base": {"steps": 20, "batch_size": 4},
+    "finetune": {"sparsities": [0.0, 0.5], "steps": 8, "batch_size": 4, "block_size": 64},
+    "seeds": [0],
+    "evaluate": {"window": 64, "max_windows": 8},
+}
+TINY_SHAPE = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "dropout": 0.0}
+
+
+def copy_repository(destination: Path) -> None:
+    """Copy the files git tracks or would track (not pipeline outputs) and commit them in a new repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.splitlines()
+    for name in listed:
+        if name.startswith(PIPELINE_OUTPUTS) or not (REPO / name).is_file():
+            continue
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=destination, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=destination, check=True)
+
+
+def shrink(repo: Path) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    model_config = repo / "conf" / "model" / "builtin.yaml"
+    config = yaml.safe_load(model_config.read_text())
+    config["scratch"] = TINY_SHAPE
+    model_config.write_text(yaml.safe_dump(config))
+
+
+def dvc(repo: Path, env: dict, *args: str) -> str:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path):
+    repo = tmp_path / "repo"
+    copy_repository(repo)
+    shrink(repo)
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+    first = dvc(repo, env, "repro")
+    assert "Running stage 'finetune@0.5-0'" in first
+
+    for name in ("sparsity-0.0-seed0", "sparsity-0.5-seed0"):
+        metrics = json.loads((repo / "metrics" / "eval" / f"{name}.json").read_text())
+        assert metrics["perplexity"] > 1.0
+        assert 0.0 <= metrics["sparsity"] < 1.0
+        assert len(metrics["layer_sparsity"]) == TINY_SHAPE["n_layer"]
+    dense = json.loads((repo / "metrics" / "eval" / "sparsity-0.0-seed0.json").read_text())
+    assert dense["sparsity"] == 0.0
+
+    listed = dvc(repo, env, "metrics", "show")
+    assert "sparsity-0.5-seed0.json" in listed
+
+    for name in ("summary.md", "perplexity_vs_sparsity.png", "layer_sparsity.png", "perplexity_vs_sparsity.csv"):
+        assert (repo / "reports" / name).stat().st_size > 0
+    assert "| dense | 0 |" in (repo / "reports" / "summary.md").read_text()
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("dcp")
+    runs = client.search_runs([experiment.experiment_id])
+    names = sorted(run.info.run_name for run in runs)
+    assert names == ["base", "sparsity-0.0-seed0", "sparsity-0.5-seed0"]
+    finetuned = next(run for run in runs if run.info.run_name == "sparsity-0.5-seed0")
+    assert "eval/test_perplexity" in finetuned.data.metrics
+    assert "train/alpha" in finetuned.data.metrics
+    assert finetuned.data.params["sparsity"] == "0.5"
+
+    second = dvc(repo, env, "repro")
+    assert "Running stage" not in second, second
