@@ -134,10 +134,11 @@ def test_views_match_model_mask(tiny, tmp_path):
     assert page.count('class="t"') == 2 * len(ids)
 
 
-def test_dropped_masks_rejects_dense_model():
-    config = DCPGPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2, dcp_enabled=False)
-    with pytest.raises(ValueError, match="baseline.name"):
-        dropped_masks(DCPGPT2LMHeadModel(config).eval(), torch.zeros(1, 8, dtype=torch.long))
+def test_dropped_masks_dense_model_drops_nothing():
+    config = DCPGPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=2, n_head=2, dcp_enabled=False)
+    dropped = dropped_masks(DCPGPT2LMHeadModel(config).eval(), torch.zeros(1, 8, dtype=torch.long))
+    assert dropped.shape == (2, 1, 8, 8)
+    assert not dropped.any()
 
 
 @pytest.mark.slow

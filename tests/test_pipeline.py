@@ -21,6 +21,8 @@ TINY_PARAMS = {
     "finetune": {"sparsities": [0.0, 0.5], "steps": 8, "batch_size": 4, "block_size": 64},
     "seeds": [0],
     "evaluate": {"window": 64, "max_windows": 8},
+    "zero_shot": {"limit": 5},
+    "baselines": {"zero_shot": True, "zero_shot_limit": 3},
 }
 TINY_SHAPE = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "dropout": 0.0}
 
@@ -89,9 +91,25 @@ def test_dvc_repro_end_to_end(tmp_path):
     listed = dvc(repo, env, "metrics", "show")
     assert "sparsity-0.5-seed0.json" in listed
 
-    for name in ("summary.md", "perplexity_vs_sparsity.png", "layer_sparsity.png", "perplexity_vs_sparsity.csv"):
-        assert (repo / "reports" / name).stat().st_size > 0
-    assert "| dense | 0 |" in (repo / "reports" / "summary.md").read_text()
+    for name in (
+        "summary.md",
+        "perplexity_vs_sparsity.csv",
+        "figures/perplexity_vs_sparsity.png",
+        "figures/zero_shot_vs_sparsity.png",
+        "figures/layer_sparsity.png",
+        "interpret/sparsity-0.5-seed0/keep_masks.png",
+        "interpret/sparsity-0.5-seed0/token_view.html",
+    ):
+        assert (repo / "reports" / name).stat().st_size > 0, name
+    summary = (repo / "reports" / "summary.md").read_text()
+    assert "| dense | 0 |" in summary
+    assert "| h2o | 0.5 |" in summary
+
+    zero_shot = json.loads((repo / "metrics" / "zero_shot" / "sparsity-0.5-seed0.json").read_text())
+    for task in zero_shot["tasks"].values():
+        assert 0.0 <= task["acc"] <= 1.0
+    baselines = sorted(path.stem for path in (repo / "metrics" / "baselines").glob("*.json"))
+    assert baselines == [f"{name}-0.5-seed0" for name in ("h2o", "local", "streaming_llm", "strided")]
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("dcp")

@@ -99,18 +99,18 @@ def make_passage(tokenizer: Any, ids: Sequence[int], generated_from: int | None 
 def dropped_masks(model: torch.nn.Module, input_ids: torch.Tensor) -> np.ndarray:
     """Run the model on unpadded rows (B, T) and return dropped[l, b, k, j] (L, B, T, T) bool.
 
-    Raises ValueError when the model produces no keep mask (a dense model without keep policy).
+    A dense model without keep policy drops nothing, so its layers come back all False.
     """
     output = model(input_ids=input_ids.to(model.device), return_log_keep=True)
-    if output.log_keep is None or any(log_keep is None for log_keep in output.log_keep):
-        raise ValueError(
-            "the model returns no keep mask: it is dense (dcp_enabled=False) and has no keep policy. "
-            "Use a DCP model, or set baseline.name and baseline.keep_fraction."
-        )
-    length = input_ids.shape[-1]
-    lower = torch.ones(length, length, dtype=torch.bool, device=output.log_keep[0].device).tril(-1)
-    dropped = [(log_keep <= LOG_KEEP_FLOOR / 2) & lower for log_keep in output.log_keep]
-    return torch.stack(dropped).cpu().numpy()
+    batch, length = input_ids.shape
+    lower = torch.ones(length, length, dtype=torch.bool).tril(-1)
+    dropped = []
+    for log_keep in output.log_keep:
+        if log_keep is None:
+            dropped.append(torch.zeros(batch, length, length, dtype=torch.bool))
+        else:
+            dropped.append((log_keep.cpu() <= LOG_KEEP_FLOOR / 2) & lower)
+    return torch.stack(dropped).numpy()
 
 
 def drop_steps(dropped: np.ndarray) -> np.ndarray:
