@@ -1,11 +1,11 @@
 """Fine-tuning: schedules, the sparsity controller, short real runs, resume and bad input."""
 
-import math
-
+import numpy as np
 import pytest
 import torch
 
-from src.training.loading import load_causal_lm, load_for_inference, to_dcp
+from src.train import build_model
+from src.training.loading import load_causal_lm, load_for_inference, load_split
 from src.training.run import run_training
 from src.training.schedules import SparsityController, cosine_alpha
 from src.training.validation import ConfigError
@@ -29,10 +29,15 @@ def finetune_config(tiny_data, tiny_base, out_dir, *overrides):
 
 
 def finetune(cfg):
-    model = load_causal_lm(cfg.init_from)
-    enabled = bool(cfg.pruning.enabled) and cfg.sparsity > 0
-    model = to_dcp(model, enabled, cfg.pruning.rank, cfg.pruning.beta_init, cfg.pruning.add_previous_mask)
-    return run_training(cfg, model)
+    return run_training(cfg, build_model(cfg))
+
+
+def measured_sparsity(model_dir, data_dir) -> float:
+    """Hard-mask sparsity of a saved model on the first 8 validation blocks of 64 tokens."""
+    model = load_for_inference(str(model_dir))
+    tokens = torch.as_tensor(np.asarray(load_split(data_dir, "val")[: 64 * 8], dtype=np.int64)).view(8, 64)
+    with torch.no_grad():
+        return 1.0 - float(model(tokens).keep_fraction)
 
 
 def test_cosine_alpha_endpoints():
@@ -88,12 +93,7 @@ def test_higher_target_drops_more(tiny_data, tiny_base, tmp_path):
     for target in (0.2, 0.8):
         cfg = finetune_config(tiny_data, tiny_base, tmp_path / f"t{target}", f"sparsity={target}", "steps=40")
         finetune(cfg)
-        model = load_for_inference(str(tmp_path / f"t{target}" / "model"))
-        tokens = torch.as_tensor(__import__("numpy").asarray(
-            __import__("src.training.loading", fromlist=["load_split"]).load_split(tiny_data, "val")[:64 * 8], dtype="int64"
-        )).view(8, 64)
-        with torch.no_grad():
-            measured[target] = 1.0 - float(model(tokens).keep_fraction)
+        measured[target] = measured_sparsity(tmp_path / f"t{target}" / "model", tiny_data)
     assert measured[0.8] > measured[0.2] + 0.2, measured
     assert abs(measured[0.8] - 0.8) < 0.15, measured
 
@@ -163,3 +163,18 @@ def test_corpus_shorter_than_a_block_is_rejected(tiny_data, tiny_base, tmp_path)
     cfg = finetune_config(short, tiny_base, tmp_path / "out")
     with pytest.raises(ConfigError, match="fewer than one block"):
         finetune(cfg)
+
+
+@pytest.mark.slow
+def test_fixed_pattern_baseline_fine_tunes(tiny_data, tiny_base, tmp_path):
+    cfg = finetune_config(
+        tiny_data, tiny_base, tmp_path / "out", "pruning=fixed_pattern", "pruning.baseline=local", "sparsity=0.5", "steps=3"
+    )
+    default = compose_config("train", ["pruning=fixed_pattern", "pruning.baseline=local", "sparsity=0.5"])
+    assert default.out_dir == "models/finetuned/local-sparsity-0.5-seed0"
+    metrics = finetune(cfg)
+    assert abs(metrics["train/sparsity"] - 0.5) < 0.05
+
+    model = load_for_inference(str(tmp_path / "out" / "model"))
+    assert model.config.dcp_keep_policy["name"] == "local"
+    assert abs(measured_sparsity(tmp_path / "out" / "model", tiny_data) - 0.5) < 0.05

@@ -92,4 +92,11 @@ def load_for_inference(name_or_path: str) -> DCPGPT2LMHeadModel:
     model = load_causal_lm(name_or_path)
     if not isinstance(model, DCPGPT2LMHeadModel):
         model = DCPGPT2LMHeadModel.from_dense(model, dcp_enabled=False)
+
+    # A baseline fine-tuned with a fixed-pattern mask stores that mask's settings in its config.
+    settings = getattr(model.config, "dcp_keep_policy", None)
+    if settings:
+        from src.eval.baselines import apply_keep_policy, policy_from_config
+
+        apply_keep_policy(model, policy_from_config(settings, default_length=model.config.n_positions))
     return model.eval()

@@ -87,12 +87,12 @@ class DCPLightningModule(L.LightningModule):
         loss = output.loss
         self.log("train/loss_lm", output.loss, prog_bar=True)
 
+        layer_hard_keep = (output.layer_hard_keep_sum / output.layer_pair_count.clamp_min(1)).detach()
+        hard_keep = float(layer_hard_keep.mean())
         if self.dcp_enabled:
             weight = self.controller.weight
             loss = loss + weight * output.keep_fraction
 
-            layer_hard_keep = output.layer_hard_keep_sum / output.layer_pair_count.clamp_min(1)
-            hard_keep = float(layer_hard_keep.mean())
             measured = hard_keep if self.pruning.controller_measure == "hard" else float(output.keep_fraction.detach())
             # Every rank must step the controller with the same value to keep the weights in sync.
             measured = float(self.trainer.strategy.reduce(torch.tensor(measured), reduce_op="mean"))
@@ -100,10 +100,12 @@ class DCPLightningModule(L.LightningModule):
 
             self.log("train/alpha", alpha)
             self.log("train/reg_weight", weight)
-            self.log("train/sparsity", 1.0 - hard_keep, prog_bar=True)
             self.log("train/sparsity_soft", 1.0 - output.keep_fraction.detach())
-            for layer, keep in enumerate(layer_hard_keep.detach()):
-                self.log(f"train/sparsity_layer{layer}", 1.0 - keep)
+
+        # Dense models report 0 here; fixed-pattern baselines report their mask's sparsity.
+        self.log("train/sparsity", 1.0 - hard_keep, prog_bar=True)
+        for layer, keep in enumerate(layer_hard_keep):
+            self.log(f"train/sparsity_layer{layer}", 1.0 - keep)
 
         self.log("train/loss", loss)
         return loss
