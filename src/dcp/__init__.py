@@ -4,7 +4,9 @@ This package is the method alone: it depends on torch and transformers, not on L
 or MLflow, so it can be imported into any training or serving code.
 """
 
+from .generation import GenerationOutput, check_prompt, decode_step, generate, prefill
 from .keep_mask import LOG_KEEP_FLOOR, KeepStats, interaction_scores, keep_stats, log_keep_mask, valid_pairs
+from .kv_cache import LayerCacheStats, PagedLayerCache, PrunedKVCache
 from .modeling import DCPAttention, DCPCausalLMOutput, DCPGPT2Config, DCPGPT2LMHeadModel, causal_lm_loss
 from .sparse_sigmoid import sparse_sigmoid
 
@@ -14,11 +16,19 @@ __all__ = [
     "DCPCausalLMOutput",
     "DCPGPT2Config",
     "DCPGPT2LMHeadModel",
+    "GenerationOutput",
     "KeepStats",
+    "LayerCacheStats",
+    "PagedLayerCache",
+    "PrunedKVCache",
     "causal_lm_loss",
+    "check_prompt",
+    "decode_step",
+    "generate",
     "interaction_scores",
     "keep_stats",
     "log_keep_mask",
+    "prefill",
     "sparse_sigmoid",
     "valid_pairs",
 ]
