@@ -19,7 +19,7 @@ solved by bisection and is monotone by construction. Only band elements are solv
 falls as alpha grows and scores leave the band.
 
 The gradient is the entmax gradient, dp/ds = q_1 q_2 / (q_1 + q_2) with q_i = p_i^(2 - alpha) where
-p_i > 0 and 0 elsewhere; it is 0 outside the band.
+p_i > 0 and 0 elsewhere; it is 0 outside the band. It is evaluated as 1 / g'(p), which never overflows.
 """
 
 import math
@@ -126,20 +126,21 @@ def sparse_sigmoid_forward(s: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def sparse_sigmoid_grad(p: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Return dp/ds of the sparse sigmoid, given its output p."""
+    """Return dp/ds of the sparse sigmoid, given its output p.
+
+    dp/ds = 1 / g'(p) = 1 / (p^(alpha-2) + (1-p)^(alpha-2)) inside the band (0 < p < 1) and 0
+    outside. This equals the entmax Jacobian q1 q2 / (q1 + q2) with q_i = p_i^(2 - alpha), written
+    so that no power of a tiny p overflows: for alpha > 2 both powers are at most 1, and for alpha < 2
+    a power that overflows to inf gives a gradient of exactly 0, its limit.
+    """
     if math.isinf(alpha):
         return torch.zeros_like(p)
 
     q = 1.0 - p
-    exponent = 2.0 - alpha
-    if exponent == 1.0:
-        return p * q
-
-    # q_i = p_i^(2 - alpha) where p_i > 0, else 0.
-    q1 = torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny) ** exponent, torch.zeros_like(p))
-    q2 = torch.where(q > 0, q.clamp_min(torch.finfo(p.dtype).tiny) ** exponent, torch.zeros_like(p))
-    total = q1 + q2
-    return torch.where(total > 0, q1 * q2 / total.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p))
+    inside = (p > 0) & (q > 0)
+    exponent = alpha - 2.0
+    derivative = p.clamp_min(torch.finfo(p.dtype).tiny) ** exponent + q.clamp_min(torch.finfo(p.dtype).tiny) ** exponent
+    return torch.where(inside, 1.0 / derivative, torch.zeros_like(p))
 
 
 class _SparseSigmoid(torch.autograd.Function):
