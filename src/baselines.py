@@ -1,9 +1,9 @@
 """Fixed-pattern baselines at the KV budget of each DCP model: `python -m src.baselines`.
 
-For every DCP evaluation in `eval_dir` (files `sparsity-<target>-seed<seed>.json`), the dense model
-fine-tuned with the same recipe and seed runs with each baseline mask (sliding window, StreamingLLM,
-H2O, strided) fitted to the DCP model's measured kept fraction, through the same perplexity code and
-optionally the same zero-shot tasks. These are training-free baselines on the dense fine-tune.
+Each DCP evaluation in `eval_dir` (files `sparsity-<target>-seed<seed>.json`) sets a budget: the
+DCP model's measured kept fraction. The dense model fine-tuned with the same recipe and seed then runs
+with each baseline mask (sliding window, StreamingLLM, H2O, strided) fitted to that budget, through
+the same perplexity code and optionally the same zero-shot tasks. These baselines are training-free.
 """
 
 import json
@@ -46,7 +46,7 @@ def budgets(eval_dir: Path) -> list[dict]:
 
 
 def zero_shot_scores(cfg: DictConfig, model, tokenizer) -> dict:
-    """Accuracy on the local zero-shot tasks with the keep policy currently set on `model`."""
+    """Score the local zero-shot tasks with the keep policy currently set on `model`."""
     from src.eval.zero_shot import PrunedContextLM, evaluate, load_tasks, prepare_local_tasks, resolve_task_names
 
     names = resolve_task_names(cfg.zero_shot.tasks)

@@ -35,7 +35,7 @@ def read_json_dir(directory: Path) -> dict[str, dict]:
 
 
 def mean_accuracy(record: dict | None) -> float | None:
-    """Mean accuracy over the zero-shot tasks of one record."""
+    """Return the mean accuracy over the zero-shot tasks of one record, or None without tasks."""
     if not record or not record.get("tasks"):
         return None
     values = [task["acc"] for task in record["tasks"].values() if task.get("acc") is not None]
@@ -50,7 +50,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def dcp_rows(evaluations: dict[str, dict], zero_shot: dict[str, dict]) -> list[dict]:
-    """One row per target sparsity (0 is the dense baseline), aggregated over seeds."""
+    """Aggregate the evaluations into one row per target sparsity (0 is the dense baseline) over seeds."""
     groups = defaultdict(list)
     for name, record in evaluations.items():
         match = RUN_NAME.fullmatch(name)
@@ -81,7 +81,7 @@ def dcp_rows(evaluations: dict[str, dict], zero_shot: dict[str, dict]) -> list[d
 
 
 def baseline_rows(baselines: dict[str, dict]) -> list[dict]:
-    """One row per (baseline, target) aggregated over seeds."""
+    """Aggregate the baseline records into one row per (baseline, target) over seeds."""
     groups = defaultdict(list)
     for record in baselines.values():
         groups[(record["baseline"], record["target_sparsity"])].append(record)
@@ -149,7 +149,7 @@ def baseline_table(rows: list[dict]) -> list[str]:
 
 
 def interpret_sections(interpret_dir: Path, report_dir: Path) -> list[str]:
-    """Links to the drop maps and the drop statistics of each interpreted model."""
+    """Return markdown that links the drop maps and shows the drop statistics of each interpreted model."""
     lines = []
     for stats_md in sorted(Path(interpret_dir).glob("*/stats.md")):
         model_dir = stats_md.parent

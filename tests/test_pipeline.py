@@ -23,6 +23,7 @@ TINY_PARAMS = {
     "evaluate": {"window": 64, "max_windows": 8},
     "zero_shot": {"limit": 5},
     "baselines": {"zero_shot": True, "zero_shot_limit": 3},
+    "benchmark": {"seed": 0, "batch_sizes": "[1,2]", "prompt_lengths": "[16]", "new_tokens": "[4]", "training_cost": False},
 }
 TINY_SHAPE = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "dropout": 0.0}
 
@@ -104,6 +105,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     summary = (repo / "reports" / "summary.md").read_text()
     assert "| dense | 0 |" in summary
     assert "| h2o | 0.5 |" in summary
+
+    benchmark = json.loads((repo / "metrics" / "benchmark.json").read_text())
+    assert benchmark, "the benchmark metrics are empty"
+    assert any((repo / "reports" / "benchmark").glob("*.png"))
 
     zero_shot = json.loads((repo / "metrics" / "zero_shot" / "sparsity-0.5-seed0.json").read_text())
     for task in zero_shot["tasks"].values():

@@ -53,5 +53,7 @@ class ContiguousBlocks(Dataset):
         return self.count
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.count:
+            raise IndexError(f"block {index} is out of range for {self.count} blocks")
         start = index * self.block_size
         return torch.from_numpy(self.tokens[start : start + self.block_size].astype(np.int64))

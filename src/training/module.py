@@ -9,6 +9,7 @@ import torch
 
 from src.dcp import DCPGPT2LMHeadModel
 
+from .calibration import calibrate_beta
 from .schedules import SparsityController, cosine_alpha
 
 logger = logging.getLogger(__name__)
@@ -20,8 +21,8 @@ class OptimSettings:
     sigmoid passes gradient only inside |s| < 1/(alpha - 1), a band that narrows as alpha grows."""
 
     lr: float = 5e-4
-    lr_interaction: float = 1e-2
-    lr_beta: float = 5e-2
+    lr_interaction: float = 2e-3
+    lr_beta: float = 2e-2
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
@@ -37,10 +38,11 @@ class PruningSettings:
     alpha_steps: int = 0  # 0 means all training steps
     regularizer: str = "adaptive"  # "adaptive" (reach `sparsity`) or "fixed" (weight = gamma)
     gamma: float = 0.3
-    controller_lr: float = 0.05
-    controller_gain: float = 1.0
-    controller_ema: float = 0.9
+    controller_lr: float = 0.01
+    controller_gain: float = 5.0
+    controller_ema: float = 0.0
     controller_measure: str = "soft"  # keep fraction the controller tracks: "soft" (in the loss) or "hard"
+    calibrate: bool = True  # adaptive mode: shift beta after training so validation sparsity meets the target
 
 
 class DCPLightningModule(L.LightningModule):
@@ -61,6 +63,7 @@ class DCPLightningModule(L.LightningModule):
     ):
         super().__init__()
         self.model = model
+        self.calibration: dict | None = None
         self.optim = optim
         self.pruning = pruning
         self.total_steps = total_steps
@@ -152,6 +155,21 @@ class DCPLightningModule(L.LightningModule):
             progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
             return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
+
+    def on_train_end(self) -> None:
+        """Calibrate the keep threshold on validation blocks (adaptive mode, see calibration.py).
+
+        Every rank computes the same shift from the same blocks, so the replicas stay identical.
+        """
+        if not (self.dcp_enabled and self.pruning.calibrate and self.pruning.regularizer == "adaptive"):
+            return
+        datamodule = self.trainer.datamodule
+        dataset = datamodule.val_dataloader().dataset
+        blocks = torch.stack([dataset[index] for index in range(len(dataset))]).to(self.device)
+        result = calibrate_beta(self.model, blocks, self.controller.target_sparsity)
+        self.calibration = result
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics(result, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sparsity_controller"] = self.controller.state_dict()

@@ -35,9 +35,9 @@ class SparsityController:
     target_sparsity: float
     mode: str = "adaptive"
     gamma: float = 0.3
-    lr: float = 0.05
-    gain: float = 1.0
-    ema: float = 0.9
+    lr: float = 0.01
+    gain: float = 5.0
+    ema: float = 0.0
     integral: float = 0.0
     measured_keep: float | None = None
 
