@@ -6,7 +6,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .validation import validate_launcher, validate_sparsity
+from .validation import ConfigError, validate_launcher, validate_sparsity
 
 
 class ValidateLaunch(Callback):
@@ -17,10 +17,16 @@ class ValidateLaunch(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        validate_launcher(config.trainer, config.hydra.launcher)
-        validate_sparsity(config.get("sparsity", 0.0))
-        for value in _swept_values(list(config.hydra.overrides.task), "sparsity"):
-            validate_sparsity(value)
+        try:
+            validate_launcher(config.trainer, config.hydra.launcher)
+            validate_sparsity(config.get("sparsity", 0.0))
+            for value in _swept_values(list(config.hydra.overrides.task), "sparsity"):
+                validate_sparsity(value)
+        except ConfigError as error:
+            # Hydra 1.3 turns an Exception raised in a callback into a warning and launches the
+            # jobs anyway. It does not catch SystemExit, which ends the process before any job
+            # is submitted, with the message on stderr and exit status 1.
+            raise SystemExit(f"invalid sweep configuration: {error}") from error
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         # NOTE: `config` here is the job's config without the `hydra` node; the launcher is checked

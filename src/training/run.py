@@ -71,16 +71,23 @@ class _SeededDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False)
 
 
-class _CheckpointOnSigterm(Callback):
-    """Write last.ckpt when SIGTERM stops training, so that a rerun resumes at that step.
+class _ExtraLastCheckpoints(Callback):
+    """Write last.ckpt where ModelCheckpoint does not: after the last step and on SIGTERM.
 
-    Lightning (2.6) turns SIGTERM (scancel, SLURM preemption, a local kill) into a
-    SIGTERMException at the end of the current step, on every DDP rank at the same step, so the
-    collective save is safe there.
+    ModelCheckpoint writes only at multiples of checkpoint_every. Callbacks' on_train_end runs
+    before the LightningModule's (Lightning 2.6), so the final checkpoint contains the trained state,
+    without the beta calibration that follows. Lightning turns SIGTERM (scancel, SLURM preemption,
+    a local kill) into a SIGTERMException at the end of the current step, on every DDP rank at the
+    same step, so the collective save is safe there too.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, every_n_steps: int):
         self.path = path
+        self.every_n_steps = every_n_steps
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.every_n_steps or trainer.global_step % self.every_n_steps:
+            trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -210,7 +217,7 @@ def _build_trainer(cfg: DictConfig, out_dir: Path, mlflow_logger: MLFlowLogger) 
         **trainer_cfg,
         max_steps=cfg.steps,
         logger=mlflow_logger,
-        callbacks=[checkpoint, _CheckpointOnSigterm(out_dir / "checkpoints" / "last.ckpt")],
+        callbacks=[checkpoint, _ExtraLastCheckpoints(out_dir / "checkpoints" / "last.ckpt", cfg.checkpoint_every)],
         plugins=plugins,
         val_check_interval=val_every,
         check_val_every_n_epoch=1,
@@ -262,9 +269,6 @@ def run_training(cfg: DictConfig, model: DCPGPT2LMHeadModel) -> dict:
     try:
         with _ddp_children_rerun_this_job(trainer):
             trainer.fit(module, datamodule=data, ckpt_path=str(last_checkpoint) if resuming else None)
-            if not cfg.checkpoint_every or trainer.global_step % cfg.checkpoint_every:
-                # ModelCheckpoint writes only at multiples of checkpoint_every, so the last step needs its own write.
-                trainer.save_checkpoint(last_checkpoint)
     except SIGTERMException as stop:
         # Lightning's SIGTERMException is a SystemExit with status 0, which would make a stopped run look finished.
         logger.warning("SIGTERM stopped training at global step %d; rerun the same command to resume", trainer.global_step)
