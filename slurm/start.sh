@@ -18,6 +18,8 @@
 set -euo pipefail
 
 SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+# shellcheck source=slurm/lib.sh
+source "$SLURM_DIR/lib.sh"
 STATE_DIR=${DCP_SLURM_STATE_DIR:-$SLURM_DIR/state}
 FAKE_GPUS=${DCP_SLURM_FAKE_GPUS:-0}
 START_TIMEOUT_S=${DCP_SLURM_START_TIMEOUT_S:-60}
@@ -38,13 +40,6 @@ SLURMD_STARTED_AT=""
 
 log() { echo "slurm/start.sh: $*"; }
 fail() { echo "slurm/start.sh: error: $*" >&2; exit 1; }
-
-# Print the seconds since $1 (a ${EPOCHREALTIME/./} value in microseconds) with two decimals.
-elapsed_since() {
-  local now_us=${EPOCHREALTIME/./}
-  local delta_us=$((now_us - $1))
-  printf '%d.%02d' $((delta_us / 1000000)) $((delta_us % 1000000 / 10000))
-}
 
 validate_settings() {
   [[ $STATE_DIR == /* ]] || fail "DCP_SLURM_STATE_DIR=$STATE_DIR is not an absolute path; slurmctld needs absolute paths"
@@ -168,21 +163,6 @@ write_gres_config() {
     echo "AutoDetect=off"
     echo "NodeName=$node Name=gpu File=$STATE_DIR/fake-gpus/gpu[0-$((FAKE_GPUS - 1))]"
   } >"$target"
-}
-
-# Print the PID in PID_FILE when that process is alive and named NAME. A zombie (state Z) counts
-# as stopped, because PID 1 in some containers never reaps exited daemons.
-live_pid() {
-  local pid_file=$1 name=$2 pid
-  [[ -s $pid_file ]] || return 1
-  pid=$(<"$pid_file")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || return 1
-  [[ $(</proc/"$pid"/comm) == "$name" ]] || return 1
-  local stat
-  stat=$(</proc/"$pid"/stat)
-  stat=${stat##*) }
-  [[ ${stat%% *} != Z ]] || return 1
-  echo "$pid"
 }
 
 all_daemons_alive() {

@@ -10,6 +10,8 @@
 set -euo pipefail
 
 SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+# shellcheck source=slurm/lib.sh
+source "$SLURM_DIR/lib.sh"
 STATE_DIR=${DCP_SLURM_STATE_DIR:-$SLURM_DIR/state}
 export SLURM_CONF=$STATE_DIR/slurm.conf
 SCRIPT_START_US=${EPOCHREALTIME/./}
@@ -17,28 +19,6 @@ TERM_TIMEOUT_S=10
 JOB_CANCEL_TIMEOUT_S=15
 
 log() { echo "slurm/stop.sh: $*"; }
-
-# Print the seconds since $1 (a ${EPOCHREALTIME/./} value in microseconds) with two decimals.
-elapsed_since() {
-  local now_us=${EPOCHREALTIME/./}
-  local delta_us=$((now_us - $1))
-  printf '%d.%02d' $((delta_us / 1000000)) $((delta_us % 1000000 / 10000))
-}
-
-# Print the PID in PID_FILE when that process is alive and named NAME. A zombie (state Z) counts
-# as stopped, because PID 1 in some containers never reaps exited daemons.
-live_pid() {
-  local pid_file=$1 name=$2 pid
-  [[ -s $pid_file ]] || return 1
-  pid=$(<"$pid_file")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || return 1
-  [[ $(</proc/"$pid"/comm) == "$name" ]] || return 1
-  local stat
-  stat=$(</proc/"$pid"/stat)
-  stat=${stat##*) }
-  [[ ${stat%% *} != Z ]] || return 1
-  echo "$pid"
-}
 
 active_job_ids() {
   squeue -h -t PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,REQUEUED -o %A 2>/dev/null || true
