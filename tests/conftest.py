@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -30,6 +31,15 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose conf/<config_name>.yaml with overrides, as the Hydra app would (without running it)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module on one thread: its ops are tiny, and OpenMP threads on a loaded machine make them 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

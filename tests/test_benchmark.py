@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = "{n_layer:2,n_embd:32,n_head:2,n_positions:64,vocab_size:100,dcp_rank:8}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run on one thread: these ops are tiny, and OpenMP threads on a loaded machine make them 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(dcp_enabled: bool) -> DCPGPT2LMHeadModel:

@@ -8,13 +8,7 @@ from src.dcp import DCPGPT2Config, DCPGPT2LMHeadModel, decode_step, generate, pr
 VOCAB, CONTEXT = 50, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run on one thread: these ops are tiny, and OpenMP threads on a loaded machine make them 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(dcp_enabled: bool = True, add_previous_mask: bool = False, seed: int = 0) -> DCPGPT2LMHeadModel:

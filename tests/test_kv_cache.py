@@ -11,13 +11,7 @@ from src.dcp.modeling import DCPGPT2Config
 HEADS, HEAD_DIM, RANK, PAGE = 2, 4, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run on one thread: these ops are tiny, and OpenMP threads on a loaded machine make them 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_cache(batch: int, rank: int | None = RANK, **kwargs) -> PagedLayerCache:
