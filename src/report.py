@@ -203,12 +203,43 @@ def plot_layers(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_csv(dcp: list[dict], baselines: list[dict], path: Path) -> None:
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "target_sparsity", "measured_sparsity", "perplexity"])
-        for row in [*dcp, *baselines]:
-            writer.writerow([row["method"], row["target_sparsity"], row["sparsity"][0], row["perplexity"][0]])
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_plot_data(dcp: list[dict], baselines: list[dict], benchmark: dict | None, report_dir: Path) -> None:
+    """Write the CSV files behind the DVC plots in dvc.yaml (the same numbers as the PNG figures)."""
+    write_csv(
+        report_dir / "perplexity_vs_sparsity.csv",
+        ["method", "target_sparsity", "measured_sparsity", "perplexity", "zero_shot_accuracy"],
+        [
+            [row["method"], row["target_sparsity"], row["sparsity"][0], row["perplexity"][0], row["accuracy"][0]]
+            for row in [*dcp, *baselines]
+        ],
+    )
+
+    write_csv(
+        report_dir / "layer_sparsity.csv",
+        ["model", "target_sparsity", "layer", "sparsity"],
+        [
+            [row["label"], row["target_sparsity"], layer, value]
+            for row in dcp
+            for layer, value in enumerate(row["layer_sparsity"])
+        ],
+    )
+
+    if benchmark:
+        write_csv(
+            report_dir / "benchmark_vs_sparsity.csv",
+            ["model", "decode_sparsity", "decode_tokens_per_s", "kv_peak_mib"],
+            [
+                [name, model["decode_sparsity"], model["decode_tokens_per_s"], model["kv_bytes_peak"] / 2**20]
+                for name, model in benchmark["models"].items()
+            ],
+        )
 
 
 def benchmark_lines(benchmark: dict | None, report_dir: Path) -> list[str]:
@@ -235,7 +266,7 @@ def build_report(cfg: DictConfig) -> Path:
     plot_quality(dcp, baselines, "perplexity", "test perplexity", figures / "perplexity_vs_sparsity.png")
     plot_quality(dcp, baselines, "accuracy", "mean zero-shot accuracy", figures / "zero_shot_vs_sparsity.png")
     plot_layers(dcp, figures / "layer_sparsity.png")
-    write_csv(dcp, baselines, report_dir / "perplexity_vs_sparsity.csv")
+    write_plot_data(dcp, baselines, benchmark, report_dir)
 
     text = [
         "# DCP results",

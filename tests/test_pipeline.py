@@ -92,9 +92,16 @@ def test_dvc_repro_end_to_end(tmp_path):
     listed = dvc(repo, env, "metrics", "show")
     assert "sparsity-0.5-seed0.json" in listed
 
+    dvc(repo, env, "plots", "show", "-o", "plots_html")
+    plots_html = (repo / "plots_html" / "index.html").read_text()
+    for field in ("perplexity", "zero_shot_accuracy", "decode_tokens_per_s", "kv_peak_mib"):
+        assert f'"field": "{field}"' in plots_html, field
+
     for name in (
         "summary.md",
         "perplexity_vs_sparsity.csv",
+        "layer_sparsity.csv",
+        "benchmark_vs_sparsity.csv",
         "figures/perplexity_vs_sparsity.png",
         "figures/zero_shot_vs_sparsity.png",
         "figures/layer_sparsity.png",
