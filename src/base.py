@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import hydra
+import lightning as L
 from omegaconf import DictConfig
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -55,6 +56,8 @@ def train_from_scratch(cfg: DictConfig) -> dict:
     data_dir = Path(cfg.data_dir)
     stats = read_stats(data_dir)
     tokenizer = load_tokenizer(data_dir)
+    # Seed before the random initialisation, so that the same seed gives the same model.
+    L.seed_everything(cfg.seed, workers=True)
     model = scratch_model(cfg, stats["vocab_size"], tokenizer.eos_token_id)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("training a %.2fM-parameter GPT-2 from scratch for %d steps", parameters / 1e6, cfg.steps)

@@ -9,6 +9,7 @@ baseline (local, streaming_llm, h2o, strided) at the same sparsity.
 import logging
 
 import hydra
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from src.eval.baselines import apply_keep_policy, policy_from_config
@@ -41,6 +42,8 @@ def attach_keep_policy(model, cfg: DictConfig) -> None:
 def build_model(cfg: DictConfig):
     """Load cfg.init_from and turn it into the model this run trains (DCP, dense or a baseline)."""
     validate_sparsity(cfg.sparsity)
+    # Seed before the interaction projections are initialised, so that the same seed gives the same model.
+    L.seed_everything(cfg.seed, workers=True)
     enabled = bool(cfg.pruning.enabled) and cfg.sparsity > 0
     model = load_causal_lm(cfg.init_from)
     model = to_dcp(model, enabled, cfg.pruning.rank, cfg.pruning.beta_init, cfg.pruning.add_previous_mask)

@@ -178,3 +178,30 @@ def test_fixed_pattern_baseline_fine_tunes(tiny_data, tiny_base, tmp_path):
     model = load_for_inference(str(tmp_path / "out" / "model"))
     assert model.config.dcp_keep_policy["name"] == "local"
     assert abs(measured_sparsity(tmp_path / "out" / "model", tiny_data) - 0.5) < 0.05
+
+
+def test_same_seed_builds_same_model(tiny_data, tiny_base, tmp_path):
+    cfg = finetune_config(tiny_data, tiny_base, tmp_path / "run", "sparsity=0.5", "seed=3")
+    first = build_model(cfg)
+    torch.rand(100)  # the global random state moves on between the two builds
+    second = build_model(cfg)
+
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_same_seed_trains_same_base(tiny_data, tmp_path):
+    from src.base import train_from_scratch
+    from tests.conftest import TINY_MODEL
+
+    weights = []
+    for run in ("a", "b"):
+        cfg = compose_config(
+            "base", [*TINY_MODEL, f"data_dir={tiny_data}", f"out_dir={tmp_path / run}", "steps=3", "batch_size=4", "seed=5"]
+        )
+        train_from_scratch(cfg)
+        weights.append(load_causal_lm(str(tmp_path / run)).state_dict())
+        torch.rand(100)
+
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
