@@ -20,6 +20,12 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~", "models/")) or name_or_path.count("/") > 1
 
 
+_SAVED_MODELS = (
+    "pass a saved model directory, such as models/base (written by `python -m src.base`) or "
+    "models/finetuned/<run>/model (written by `python -m src.train`), or a Hugging Face id such as gpt2"
+)
+
+
 def load_causal_lm(name_or_path: str) -> GPT2LMHeadModel:
     """Load a GPT-2 (dense or DCP) from a local directory or a Hugging Face model id.
 
@@ -29,12 +35,9 @@ def load_causal_lm(name_or_path: str) -> GPT2LMHeadModel:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model directory {path} has no config.json; point model.name_or_path at a saved model")
+            raise FileNotFoundError(f"model directory {path} has no config.json; {_SAVED_MODELS}")
     elif _looks_local(name_or_path):
-        raise FileNotFoundError(
-            f"model path {name_or_path!r} does not exist; train the base model with `python -m src.base` "
-            "(or `dvc repro base`), or pass a Hugging Face id such as model=gpt2"
-        )
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist; {_SAVED_MODELS}")
 
     try:
         config = AutoConfig.from_pretrained(name_or_path)
