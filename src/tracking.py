@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
@@ -57,16 +58,28 @@ def log_to_training_run(
 ) -> str | None:
     """Log metrics (and optional params and artifact files) to the MLflow run that trained `model_dir`.
 
-    Returns the run id, or None (with a warning) when `model_dir` has no run record.
+    Returns the run id, or None (with a warning) when `model_dir` has no run record or its run is not
+    in the current tracking store.
     """
     record = read_run_file(model_dir)
     if record is None:
         logger.warning("no %s in %s: metrics are not logged to MLflow", RUN_FILE, model_dir)
         return None
 
-    configure()
+    tracking_uri = configure()
     client = MlflowClient()
     run_id = record["run_id"]
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        # A model copied from another machine, or a store that was deleted: the metrics files still exist.
+        logger.warning(
+            "MLflow run %s of %s (trained with tracking URI %s) not found at %s: metrics are not logged to MLflow; "
+            "set MLFLOW_TRACKING_URI to the store that trained the model to log them",
+            run_id, model_dir, record.get("tracking_uri"), tracking_uri,
+        )
+        return None
+
     for key, value in metrics.items():
         client.log_metric(run_id, key, float(value))
     for key, value in (params or {}).items():

@@ -205,3 +205,15 @@ def test_same_seed_trains_same_base(tiny_data, tmp_path):
 
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
+
+
+def test_logging_to_missing_run_warns(tmp_path, caplog):
+    model_dir = tmp_path / "model"
+    tracking.write_run_file(model_dir, "0123456789abcdef0123456789abcdef", "1")
+
+    with caplog.at_level("WARNING"):
+        logged = tracking.log_to_training_run(model_dir, {"eval/test_perplexity": 10.0})
+
+    assert logged is None
+    assert "0123456789abcdef0123456789abcdef" in caplog.text
+    assert "MLFLOW_TRACKING_URI" in caplog.text
