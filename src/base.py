@@ -67,6 +67,7 @@ def train_from_scratch(cfg: DictConfig) -> dict:
     tokenizer.save_pretrained(out_dir)
     # The run's own copy in out_dir/model is a DCP-format duplicate of the same weights.
     shutil.rmtree(out_dir / "model")
+    logger.info("saved the dense base model to %s", out_dir)
     logger.info("base model: validation perplexity %.2f", math.exp(metrics.get("val/loss", float("nan"))))
     return metrics
 

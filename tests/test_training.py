@@ -121,6 +121,7 @@ def test_resume_continues_steps_and_mlflow_run(tiny_data, tiny_base, tmp_path):
 
     checkpoint = torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 7
+    assert sorted(path.name for path in (out_dir / "checkpoints").iterdir()) == ["last.ckpt"]
     assert "sparsity_controller" in checkpoint
 
 
@@ -217,3 +218,12 @@ def test_logging_to_missing_run_warns(tmp_path, caplog):
     assert logged is None
     assert "0123456789abcdef0123456789abcdef" in caplog.text
     assert "MLFLOW_TRACKING_URI" in caplog.text
+
+
+def test_short_run_writes_one_last_checkpoint(tiny_data, tiny_base, tmp_path):
+    cfg = finetune_config(tiny_data, tiny_base, tmp_path / "run", "sparsity=0.5", "steps=3", "checkpoint_every=50")
+    finetune(cfg)
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3

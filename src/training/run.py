@@ -208,6 +208,8 @@ def _build_trainer(cfg: DictConfig, out_dir: Path, mlflow_logger: MLFlowLogger) 
         save_top_k=0,
         every_n_train_steps=cfg.checkpoint_every,
         save_on_train_epoch_end=True,
+        # Overwrite last.ckpt when _ExtraLastCheckpoints wrote it first, instead of adding last-v1.ckpt.
+        enable_version_counter=False,
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     # Requeueing on SLURM belongs to submitit (Hydra's launcher); Lightning must not requeue as well.
