@@ -11,12 +11,12 @@ elapsed_since() {
 # as stopped, because PID 1 in some containers never reaps exited daemons.
 live_pid() {
   local pid_file=$1 name=$2 pid
-  [[ -s $pid_file ]] || return 1
-  pid=$(<"$pid_file")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || return 1
-  [[ $(</proc/"$pid"/comm) == "$name" ]] || return 1
+  # A stopping daemon removes its pid file and its /proc entry at any moment, so every read may fail.
+  pid=$(cat "$pid_file" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  [[ $(cat /proc/"$pid"/comm 2>/dev/null) == "$name" ]] || return 1
   local stat
-  stat=$(</proc/"$pid"/stat)
+  stat=$(cat /proc/"$pid"/stat 2>/dev/null) || return 1
   stat=${stat##*) }
   [[ ${stat%% *} != Z ]] || return 1
   echo "$pid"
